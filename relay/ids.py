@@ -1,0 +1,26 @@
+"""Queue ids: short, unique across relay nodes, and sortable by reception time.
+
+An id is 16 characters of lowercase Crockford-style base32: 48 bits of milliseconds since the epoch and
+32 random bits. Sorting ids sorts messages by reception (to the millisecond), which keeps queue
+listings and the database's index locality friendly; the random part makes collisions between nodes
+negligible. Ids are not secrets and must never be used as such.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
+
+
+def new_queue_id(now: float | None = None) -> str:
+    millis = int((time.time() if now is None else now) * 1000) & ((1 << 48) - 1)
+    # Uniqueness, not secrecy: the process-wide Mersenne generator (seeded from the OS, reseeded in
+    # forked children) costs a fraction of an os.urandom call per id.
+    value = (millis << 32) | random.getrandbits(32)
+    chars = []
+    for _ in range(16):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
