@@ -16,8 +16,8 @@ send each test domain to a server on loopback:
   (RFC 7505), ``mx-loopback`` and ``mx-private`` (MX hosts at 127.0.0.1 / RFC 1918 addresses: refused by
   default).
 
-Fault mail is sent with the null sender (no bounces), in waves, and retried every few seconds; the circuit breaker is set
-so high that it never pauses a destination — the faults keep running through the measurement, and the
+Fault mail is sent with the null sender (no bounces), in waves, and retried every few seconds; the circuit
+breaker is set so high that it never pauses a destination — the faults keep running through the measurement, and the
 isolation must come from the per-destination limits and the stage timeouts alone.
 
 Measured, in one run on one relay: the healthy rate with no fault traffic (``normal``), then with every
