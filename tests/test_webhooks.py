@@ -42,11 +42,15 @@ from relay.webhooks import (
     signature_header,
     verify_signature,
 )
+from tests.support.logtap import register_secret
 from tests.support.relayfx import RelayFactory
 from tests.support.smtpclient import RawClient
 
 SECRET = "whsec-test-0123456789abcdef"
 OLD_SECRET = "whsec-old-fedcba9876543210"
+# The relay must never log a webhook secret: the session-wide log scan (tests/conftest.py) checks for these.
+register_secret(SECRET, with_base64=False)
+register_secret(OLD_SECRET, with_base64=False)
 
 
 class Clock:
