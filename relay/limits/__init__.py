@@ -20,6 +20,7 @@ What "``count`` per ``period``" admits is stated exactly in :mod:`relay.limits.g
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import time
@@ -187,7 +188,9 @@ def limit_key(*parts: str) -> str:
     return ":".join(_key_part(part) for part in parts)
 
 
+@functools.lru_cache(maxsize=8192)
 def _key_part(part: str) -> str:
+    # Pure, and the same few parts (the client's IP, the user) recur on every command: memoised.
     text = _canonical_ip(part) or unicodedata.normalize("NFC", part).lower()
     escaped = "".join(f"%{ord(ch):02X}" if _needs_escape(ch) else ch for ch in text)
     if len(escaped.encode("utf-8")) > MAX_PART_BYTES:

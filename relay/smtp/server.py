@@ -24,6 +24,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 import socket
 import ssl
@@ -48,6 +49,7 @@ log = get_logger(__name__)
 IpNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _BUSY_REPLY = b"421 4.7.0 %s Too many connections, try again later\r\n"
+_TRUSTED_MEMO_SIZE = 4096
 
 
 @dataclass
@@ -78,6 +80,9 @@ class ListenerConfig:
     tls_context: ssl.SSLContext | None
     trusted: tuple[IpNetwork, ...]
     authenticator: Authenticator
+    # Verdicts of is_trusted per client IP text: the networks never change within one configuration, and
+    # parsing the address for every RCPT was a visible share of a message's CPU. Bounded (cleared when full).
+    _trusted_seen: dict[str, bool] = field(default_factory=dict, repr=False)
 
     @classmethod
     def build(cls, generation: Generation, listener: ListenerSettings,
@@ -95,6 +100,15 @@ class ListenerConfig:
         return self.generation.chain
 
     def is_trusted(self, ip: str) -> bool:
+        verdict = self._trusted_seen.get(ip)
+        if verdict is None:
+            verdict = self._trusted_uncached(ip)
+            if len(self._trusted_seen) >= _TRUSTED_MEMO_SIZE:
+                self._trusted_seen.clear()
+            self._trusted_seen[ip] = verdict
+        return verdict
+
+    def _trusted_uncached(self, ip: str) -> bool:
         try:
             address = ipaddress.ip_address(ip)
         except ValueError:
@@ -167,10 +181,7 @@ class ListenerRuntime:
 
     @staticmethod
     def is_loopback(ip: str) -> bool:
-        try:
-            return ipaddress.ip_address(ip).is_loopback
-        except ValueError:
-            return False
+        return _is_loopback(ip)
 
     async def admit_client(self, ip: str) -> str | None:
         """Count the connection against the per-IP limits; the 421 reply to refuse with, or None."""
@@ -332,3 +343,11 @@ class SmtpServer:
     @property
     def open_sessions(self) -> int:
         return sum(runtime.active for runtime in self.runtimes)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False

@@ -31,6 +31,7 @@ import contextlib
 import email.parser
 import email.policy
 import email.utils
+import functools
 import ipaddress
 import ssl
 import time
@@ -765,28 +766,30 @@ class RelaySession(SMTP):
     # -- limits ---------------------------------------------------------------------------------
     async def _message_rate_refusal(self, *, peek: bool) -> str | None:
         """Message limits per IP and per user (including the user's own quotas)."""
-        return await self.rt.check_limits(self._message_rules(), peek=peek)
+        rules = self._message_rules()
+        return await self.rt.check_limits(rules, peek=peek) if rules else None
 
     def _message_rules(self) -> list[tuple[str, int, float]]:
         limits = self.cfg.settings.limits
-        rules = [(limit_key("msg", "ip", self._client_ip), limits.messages_per_ip.count,
-                  limits.messages_per_ip.period)]
+        # (key parts, count, period); keys are built only for the rules that are on (count > 0).
+        wanted: list[tuple[tuple[str, ...], int, float]] = [
+            (("msg", "ip", self._client_ip), limits.messages_per_ip.count, limits.messages_per_ip.period)]
         if self._auth_user is not None:
             user = self._auth_user
-            rules.append((limit_key("msg", "user", user), limits.messages_per_user.count,
-                          limits.messages_per_user.period))
-            rules.append((limit_key("quota", "minute", user), self._quota[0], 60.0))
-            rules.append((limit_key("quota", "day", user), self._quota[1], 86400.0))
-        return [rule for rule in rules if rule[1] > 0]
+            wanted.append((("msg", "user", user), limits.messages_per_user.count, limits.messages_per_user.period))
+            wanted.append((("quota", "minute", user), self._quota[0], 60.0))
+            wanted.append((("quota", "day", user), self._quota[1], 86400.0))
+        return [(limit_key(*parts), count, period) for parts, count, period in wanted if count > 0]
 
     async def _recipient_rate_refusal(self) -> str | None:
         limits = self.cfg.settings.limits
-        rules = [(limit_key("rcpt", "ip", self._client_ip), limits.recipients_per_ip.count,
-                  limits.recipients_per_ip.period)]
+        wanted: list[tuple[tuple[str, ...], int, float]] = [
+            (("rcpt", "ip", self._client_ip), limits.recipients_per_ip.count, limits.recipients_per_ip.period)]
         if self._auth_user is not None:
-            rules.append((limit_key("rcpt", "user", self._auth_user), limits.recipients_per_user.count,
-                          limits.recipients_per_user.period))
-        return await self.rt.check_limits([r for r in rules if r[1] > 0], peek=False)
+            wanted.append((("rcpt", "user", self._auth_user), limits.recipients_per_user.count,
+                           limits.recipients_per_user.period))
+        rules = [(limit_key(*parts), count, period) for parts, count, period in wanted if count > 0]
+        return await self.rt.check_limits(rules, peek=False) if rules else None
 
     # -- chain ----------------------------------------------------------------------------------
     def _session_info(self) -> SessionInfo:
@@ -827,6 +830,7 @@ class RelaySession(SMTP):
     }
 
 
+@functools.lru_cache(maxsize=4096)
 def _normalise_ip(text: str) -> str:
     try:
         address = ipaddress.ip_address(text)
