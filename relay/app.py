@@ -28,6 +28,7 @@ import contextlib
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from relay.alerts import Alerts
@@ -55,6 +56,7 @@ from relay.stats import StatsService
 from relay.store import open_store
 from relay.store.base import QueueStore, StoreError
 from relay.webhooks import WebhookService
+from relay.workers import WorkerPool, supervisor_pid, watch_supervisor
 
 log = get_logger(__name__)
 
@@ -64,10 +66,16 @@ class StartupError(Exception):
 
 
 class Relay:
-    def __init__(self, settings: Settings, config_path: Path | None = None) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, config_path: Path | None = None, *, worker: int | None = None,
+                 overrides: Callable[[Settings], Settings] | None = None) -> None:
+        # An SMTP worker (relay/workers.py) runs what ``overrides`` makes of every configuration it loads.
+        self.overrides = overrides
+        self.settings = overrides(settings) if overrides is not None else settings
         # Where a reload reads from (None: the same search as at start: $RELAY_CONFIG, ./relay.toml).
         self.config_path = config_path
+        # This process's number among the SMTP workers when it is one (the supervisor is 1); else None.
+        self.worker = worker
+        self.workers: WorkerPool | None = None
         self.store: QueueStore | None = None
         self.limiter: RateLimiter | None = None
         self.smtp: SmtpServer | None = None
@@ -116,16 +124,35 @@ class Relay:
         if self.monitoring is not None:
             await self.monitoring.start()
         if self.settings.server.role in ("all", "smtp"):
-            self.smtp = SmtpServer(SharedState(self.store, self.limiter, self.generations))
+            self.smtp = SmtpServer(SharedState(self.store, self.limiter, self.generations,
+                                               processes=self.settings.server.smtp_workers))
             try:
                 await self.smtp.start()
             except OSError as exc:
                 raise StartupError(f"cannot listen: {exc}") from None
+            await self._start_smtp_workers()
         if self.settings.server.role in ("all", "delivery"):
             self.delivery = await self._start_delivery()
             await self._start_event_consumers()
         log.info("relay_started", role=self.settings.server.role, store=self.settings.store.kind,
-                 limiter="redis" if self.settings.redis.url else "memory")
+                 limiter="redis" if self.settings.redis.url else "memory",
+                 smtp_workers=self.settings.server.smtp_workers if self.smtp is not None else None)
+
+    async def _start_smtp_workers(self) -> None:
+        """The supervisor starts the other SMTP processes once its own sockets are bound; a worker watches
+        its supervisor (see :mod:`relay.workers`)."""
+        assert self.smtp is not None
+        count = self.settings.server.smtp_workers
+        if self.worker is not None:
+            task = asyncio.get_running_loop().create_task(
+                watch_supervisor(supervisor_pid(), lambda: os.kill(os.getpid(), signal.SIGTERM)),
+                name="watch-supervisor")
+            self._signal_tasks.add(task)
+            task.add_done_callback(self._signal_tasks.discard)
+        elif count > 1:
+            self.workers = WorkerPool(count, self.config_path, self.smtp.bound_addresses(),
+                                      self.settings.server.shutdown_grace)
+            await self.workers.start()
 
     async def _start_generation(self, number: int, settings: Settings) -> Generation:
         """Build and start the chain of ``settings``; ConfigError (nothing left running) when it cannot."""
@@ -187,6 +214,8 @@ class Relay:
 
     async def _reload(self, generations: Generations) -> ReloadOutcome:
         new, path = load_settings(self.config_path)
+        if self.overrides is not None:
+            new = self.overrides(new)
         refuse_placeholder_secrets(new)
         merged, needs_restart = reconcile(self.settings, new)
         for key in needs_restart:
@@ -230,6 +259,8 @@ class Relay:
         self._stopping = True
         grace = self.settings.server.shutdown_grace if grace is None else grace
         draining = []
+        if self.workers is not None:   # they drain their own sessions meanwhile
+            draining.append(self.workers.stop())
         if self.smtp is not None:
             draining.append(self.smtp.drain(grace))
         if self.delivery is not None:
@@ -270,6 +301,8 @@ class Relay:
         if self._stopping:
             log.info("reload_ignored", reason="shutting down")
             return
+        if self.workers is not None:
+            self.workers.signal(signal.SIGHUP)
         task = asyncio.get_running_loop().create_task(self._reload_and_report(), name="reload")
         self._signal_tasks.add(task)
         task.add_done_callback(self._signal_tasks.discard)

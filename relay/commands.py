@@ -26,6 +26,8 @@ from relay.store.base import QueueStore, StoreError, UnknownUser, User, UserExis
 def register(subparsers: Any) -> None:
     serve = subparsers.add_parser("serve", help="run the relay")
     serve.add_argument("--role", choices=["all", "smtp", "delivery"], help="override server.role")
+    # Set by the supervising `relay serve` for the SMTP worker processes it starts (relay/workers.py).
+    serve.add_argument("--smtp-worker", type=int, metavar="N", help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     init = subparsers.add_parser("init", help="write a relay.toml with freshly generated secrets")
@@ -55,6 +57,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from relay.app import Relay, StartupError
     from relay.reload import pid_file_path, reload_status_path, remove_pid_file, write_pid_file
 
+    if args.smtp_worker is not None:
+        return _serve_as_worker(settings, path, args.smtp_worker)
+
     async def main() -> int:
         relay = Relay(settings, config_path=path)
         try:
@@ -75,6 +80,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
             await relay.run_until_signalled()
         finally:
             remove_pid_file(pid_file)
+        return 0
+
+    return _run(main())
+
+
+def _serve_as_worker(settings: Settings, path: Path | None, number: int) -> int:
+    """An SMTP worker process (relay/workers.py): no pid file, no HTTP, dies with its supervisor."""
+    from relay.app import Relay, StartupError
+    from relay.log import set_process_fields
+    from relay.workers import die_with_supervisor, worker_overrides
+
+    die_with_supervisor()
+    set_process_fields(worker=number)
+
+    async def main() -> int:
+        relay = Relay(settings, config_path=path, worker=number, overrides=worker_overrides())
+        try:
+            await relay.start()
+        except (StartupError, ConfigError) as exc:
+            print(f"relay: smtp worker {number}: {exc}", file=sys.stderr)
+            await relay.stop(grace=0)
+            return 1
+        await relay.run_until_signalled()
         return 0
 
     return _run(main())

@@ -42,6 +42,23 @@ def _redact_secrets(_logger: Any, _name: str, event: MutableMapping[str, Any]) -
     return event
 
 
+# Fields every line of this process carries (an SMTP worker's number): set once at start-up.
+_process_fields: dict[str, Any] = {}
+
+
+def set_process_fields(**values: Any) -> None:
+    """Tag every line this process logs from now on (``worker=2`` in an SMTP worker process)."""
+    _process_fields.clear()
+    _process_fields.update(values)
+
+
+def _add_process_fields(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+    if _process_fields:
+        for key, value in _process_fields.items():
+            event.setdefault(key, value)
+    return event
+
+
 def _foreign_logger_name(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event.get("_record")
     if record is not None:
@@ -61,6 +78,7 @@ def _route_stdlib_logging(out: Any, renderer: Any) -> None:
         foreign_pre_chain=[
             structlog.stdlib.add_log_level,
             _foreign_logger_name,
+            _add_process_fields,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
         ],
         processors=[
@@ -88,6 +106,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            _add_process_fields,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             _redact_secrets,
@@ -95,7 +114,9 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        # WriteLogger: the line and its newline in one write() — SMTP worker processes share the stream,
+        # and print()'s two writes let their lines interleave mid-line.
+        logger_factory=structlog.WriteLoggerFactory(file=out),
         cache_logger_on_first_use=False,
     )
 

@@ -81,7 +81,7 @@ RouteKey = tuple[str, str]
 
 
 # -- what a reload may change ---------------------------------------------------------------------
-_SERVER_RESTART_KEYS = ("role", "state_dir", "pid_file")
+_SERVER_RESTART_KEYS = ("role", "state_dir", "pid_file", "smtp_workers")
 _HTTP_RESTART_KEYS = ("address", "max_request_size", "shutdown_grace")
 
 

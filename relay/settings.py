@@ -79,6 +79,9 @@ class ServerSettings(Section):
     shutdown_grace: float = Field(default=30.0, ge=0)
     # Where `relay serve` writes its process id, for `relay reload`; None: <state_dir>/relay.pid.
     pid_file: Path | None = None
+    # Processes accepting SMTP on the same sockets (SO_REUSEPORT; roles all and smtp): `relay serve` and
+    # smtp_workers - 1 workers it supervises (relay/workers.py). More than one needs [redis] url.
+    smtp_workers: int = Field(default=1, ge=1, le=64)
 
 
 class StoreSettings(Section):
@@ -298,6 +301,15 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _unique_webhooks(self) -> Settings:
         check_webhook_names(self.webhooks)
+        return self
+
+    @model_validator(mode="after")
+    def _shared_limits_for_workers(self) -> Settings:
+        # Each process's in-memory limiter would be a budget of its own: N workers would let N times the
+        # configured rates, quotas and AUTH failures through. Redis is what they share.
+        if self.server.smtp_workers > 1 and self.server.role != "delivery" and not self.redis.url:
+            raise ValueError(f"server.smtp_workers = {self.server.smtp_workers} needs [redis] url: rate "
+                             "limits, quotas and AUTH lockouts must be shared by every SMTP process")
         return self
 
     @model_validator(mode="after")

@@ -17,6 +17,8 @@ Invariants:
   ``421 4.7.0`` and closes: clients get a clear answer instead of a stalled accept queue.
 - Connections per client IP (concurrent, counted in this process) and the connection rate per IP (in
   the shared limiter) are checked before the greeting.
+- With ``[server] smtp_workers`` = N > 1 (:mod:`relay.workers`) N processes bind each listener with
+  SO_REUSEPORT; the counts above are per process, so each enforces ``limit // N`` (at least 1).
 - Limits that cannot be decided because Redis is down follow ``redis.fail_open``; fail-closed answers
   ``451 4.3.0``.
 """
@@ -60,6 +62,14 @@ class SharedState:
     limiter: RateLimiter
     generations: Generations
     connections_per_ip: Counter[str] = field(default_factory=Counter)
+    # How many processes accept on these listeners' sockets ([server] smtp_workers): the sockets are then
+    # bound with SO_REUSEPORT, and the per-process counters enforce this process's share of each limit.
+    processes: int = 1
+
+    def share(self, limit: int) -> int:
+        """This process's share of a connection limit counted per process (0, unlimited, stays 0): never
+        less than 1, and the shares of all processes never add up to more than the limit (for limit >= N)."""
+        return max(1, limit // self.processes) if limit else 0
 
     @property
     def settings(self) -> Settings:
@@ -188,7 +198,7 @@ class ListenerRuntime:
         limits = self.settings.limits
         per_ip = self.shared.connections_per_ip
         busy = f"421 4.7.0 {self.settings.server.hostname} Too many connections, try again later"
-        if limits.connections_per_ip and per_ip[ip] >= limits.connections_per_ip:
+        if limits.connections_per_ip and per_ip[ip] >= self.shared.share(limits.connections_per_ip):
             metrics.connection_refused(self.listener.name, "per_ip_connections")
             return busy
         rate = limits.connection_rate_per_ip
@@ -276,7 +286,7 @@ class SmtpServer:
             runtime.install(config)
 
     def _factory(self, runtime: ListenerRuntime) -> asyncio.Protocol:
-        if runtime.active >= runtime.listener.max_connections:
+        if runtime.active >= self.shared.share(runtime.listener.max_connections):
             log.warning("listener_full", listener=runtime.listener.name, active=runtime.active)
             metrics.connection_refused(runtime.listener.name, "listener_full")
             return _BusyProtocol(self.shared.settings.server.hostname)
@@ -289,7 +299,7 @@ class SmtpServer:
             server = await loop.create_server(
                 lambda rt=runtime: self._factory(rt),
                 host=listener.host, port=listener.port, reuse_address=True, backlog=1024,
-                ssl=runtime.socket_context,
+                ssl=runtime.socket_context, reuse_port=self.shared.processes > 1,
             )
             self._servers.append(server)
             log.info("listening", listener=listener.name, address=self.bound_address(server),
@@ -300,6 +310,11 @@ class SmtpServer:
         sock = server.sockets[0]
         host, port = sock.getsockname()[:2]
         return f"[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{host}:{port}"
+
+    def bound_addresses(self) -> dict[str, str]:
+        """Listener name → the address it is bound to, in relay.toml's form (``host:port``, ``[v6]:port``)."""
+        return {rt.listener.name: self.bound_address(server)
+                for rt, server in zip(self.runtimes, self._servers, strict=True)}
 
     def ports(self) -> dict[str, int]:
         """Listener name → bound port (useful when a listener was configured with port 0)."""

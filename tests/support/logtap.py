@@ -82,7 +82,7 @@ def find_leaks(lines: Iterable[tuple[str, str]], secrets: Iterable[str]) -> list
 
 
 class LogTap:
-    """A write-only text stream for structlog's PrintLogger; see the module docstring."""
+    """A write-only text stream for structlog's WriteLogger; see the module docstring."""
 
     def __init__(self, directory: Path | None = None) -> None:
         self.directory = Path(directory or tempfile.mkdtemp(prefix="relay-test-logs-"))
