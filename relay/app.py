@@ -67,7 +67,8 @@ class StartupError(Exception):
 
 class Relay:
     def __init__(self, settings: Settings, config_path: Path | None = None, *, worker: int | None = None,
-                 overrides: Callable[[Settings], Settings] | None = None) -> None:
+                 overrides: Callable[[Settings], Settings] | None = None,
+                 worker_command: list[str] | None = None) -> None:
         # An SMTP worker (relay/workers.py) runs what ``overrides`` makes of every configuration it loads.
         self.overrides = overrides
         self.settings = overrides(settings) if overrides is not None else settings
@@ -76,6 +77,7 @@ class Relay:
         # This process's number among the SMTP workers when it is one (the supervisor is 1); else None.
         self.worker = worker
         self.workers: WorkerPool | None = None
+        self.worker_command = worker_command   # how `relay serve` was started (relay.workers.launch_command)
         self.store: QueueStore | None = None
         self.limiter: RateLimiter | None = None
         self.smtp: SmtpServer | None = None
@@ -151,7 +153,7 @@ class Relay:
             task.add_done_callback(self._signal_tasks.discard)
         elif count > 1:
             self.workers = WorkerPool(count, self.config_path, self.smtp.bound_addresses(),
-                                      self.settings.server.shutdown_grace)
+                                      self.settings.server.shutdown_grace, self.worker_command)
             await self.workers.start()
 
     async def _start_generation(self, number: int, settings: Settings) -> Generation:

@@ -61,7 +61,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return _serve_as_worker(settings, path, args.smtp_worker)
 
     async def main() -> int:
-        relay = Relay(settings, config_path=path)
+        from relay.workers import launch_command
+        relay = Relay(settings, config_path=path, worker_command=launch_command())
         try:
             await relay.start()
         except (StartupError, ConfigError) as exc:

@@ -59,8 +59,11 @@ _PR_SET_PDEATHSIG = 1
 class WorkerPool:
     """The supervisor's side: starts ``count - 1`` workers, restarts them, signals and stops them."""
 
-    def __init__(self, count: int, config_path: Path | None, addresses: dict[str, str], grace: float) -> None:
+    def __init__(self, count: int, config_path: Path | None, addresses: dict[str, str], grace: float,
+                 command: list[str] | None = None) -> None:
         self.count = count
+        # How to start ``relay`` the way this process was started (see launch_command).
+        self.command = command or [sys.executable, "-m", "relay.cli"]
         self.config_path = config_path
         self.addresses = addresses
         self.grace = grace
@@ -85,7 +88,7 @@ class WorkerPool:
 
     def argv(self, number: int) -> list[str]:
         config = ["--config", str(self.config_path)] if self.config_path is not None else []
-        return [sys.executable, "-m", "relay.cli", *config, "serve", "--smtp-worker", str(number)]
+        return [*self.command, *config, "serve", "--smtp-worker", str(number)]
 
     async def _spawn(self, number: int) -> None:
         env = {**os.environ, LISTENERS_ENV: json.dumps(self.addresses), SUPERVISOR_ENV: str(os.getpid())}
@@ -142,6 +145,17 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         log.info("smtp_workers_stopped", restarts=self.restarts)
+
+
+def launch_command() -> list[str]:
+    """The command line that started this ``relay`` process, without its arguments: the interpreter and
+    the console script, a launcher, or ``-m relay.cli``. Workers started with it run the same code with the
+    same import path as the supervisor (a launcher may put its own directory first on ``sys.path``)."""
+    arguments = len(sys.argv) - 1
+    original = list(getattr(sys, "orig_argv", []))
+    if arguments < 0 or len(original) <= arguments or original[len(original) - arguments:] != sys.argv[1:]:
+        return [sys.executable, "-m", "relay.cli"]
+    return original[:len(original) - arguments]
 
 
 # -- the worker's side ---------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import trustme
 
 from relay.settings import ConfigError, parse_settings
 from relay.smtp.server import SharedState
+from relay.workers import launch_command
 from tests.support.configfile import ConfigFile
 from tests.support.relayproc import RelayProcess
 from tests.support.smtpclient import RawClient
@@ -213,3 +215,18 @@ def test_more_than_one_worker_needs_redis() -> None:
 def test_connection_limits_are_divided_among_the_processes(limit: int, processes: int, share: int) -> None:
     state = SharedState(store=None, limiter=None, generations=None, processes=processes)  # type: ignore[arg-type]
     assert state.share(limit) == share
+
+
+@pytest.mark.parametrize(("orig_argv", "argv", "command"), [
+    (["/venv/python", "/venv/bin/relay", "--config", "r.toml", "serve"], ["relay", "--config", "r.toml", "serve"],
+     ["/venv/python", "/venv/bin/relay"]),
+    (["/venv/python", "-m", "relay.cli", "serve"], ["/src/relay/cli.py", "serve"], ["/venv/python", "-m", "relay.cli"]),
+    (["/venv/python", "/snap/bin/relay", "serve"], ["/snap/bin/relay", "serve"], ["/venv/python", "/snap/bin/relay"]),
+    # Not started as `relay …` (a test runner, an embedding): the installed package's entry point.
+    (["/venv/python", "-m", "pytest", "-x"], ["pytest", "-q"], [sys.executable, "-m", "relay.cli"]),
+])
+def test_workers_are_started_the_way_the_supervisor_was(monkeypatch: pytest.MonkeyPatch, orig_argv: list[str],
+                                                         argv: list[str], command: list[str]) -> None:
+    monkeypatch.setattr(sys, "orig_argv", orig_argv)
+    monkeypatch.setattr(sys, "argv", argv)
+    assert launch_command() == command
