@@ -51,6 +51,7 @@ from references import (
     BareAiosmtpd,
     Haraka,
     PostfixInstance,
+    RedisServer,
     Reference,
     RelayServer,
     SmtpSink,
@@ -58,7 +59,7 @@ from references import (
     prepare_relay,
 )
 
-ALL_SERVERS = ("smtp-sink", "aiosmtpd", "haraka", "postfix", "relay", "relay-pg")
+ALL_SERVERS = ("smtp-sink", "aiosmtpd", "haraka", "postfix", "relay", "relay-pg", "relay-mp", "relay-pg-mp")
 DEFAULT_SERVERS = "smtp-sink,aiosmtpd,haraka,postfix,relay"
 
 
@@ -97,6 +98,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--loop", choices=["auto", "asyncio"], default="auto",
                         help="event loop of the Python servers (relay, bare aiosmtpd): auto = as shipped "
                              "(uvloop when installed); asyncio = uvloop hidden from both")
+    parser.add_argument("--smtp-workers", type=int, default=1, metavar="N",
+                        help="also measure the relay with [server] smtp_workers = N (N SMTP processes on one "
+                             "listener, limits in a throwaway loopback redis-server) as relay-mp (and "
+                             "relay-pg-mp with --postgres); default 1: not measured")
     add_relay_options(parser)
     parser.add_argument("--output", type=Path, help="also write the markdown report here")
     args = parser.parse_args(argv)
@@ -104,10 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()]
     if args.postgres and "relay-pg" not in args.server_list:
         args.server_list.append("relay-pg")
+    if args.smtp_workers > 1:
+        for single, multi in (("relay", "relay-mp"), ("relay-pg", "relay-pg-mp")):
+            if single in args.server_list and multi not in args.server_list:
+                args.server_list.append(multi)
     unknown = set(args.server_list) - set(ALL_SERVERS)
     if unknown:
         parser.error(f"unknown servers: {', '.join(sorted(unknown))}")
-    if "relay-pg" in args.server_list and not args.postgres:
+    if any(s.endswith("-mp") for s in args.server_list) and args.smtp_workers < 2:
+        parser.error("relay-mp / relay-pg-mp need --smtp-workers N with N >= 2")
+    if any(s.startswith("relay-pg") for s in args.server_list) and not args.postgres:
         args.postgres = "postgresql://postgres@127.0.0.1:5432/postgres"
     if min(args.count, args.reps, args.size, *args.concurrencies) < 1:
         parser.error("--count, --reps, --size and concurrencies must be positive")
@@ -122,6 +133,7 @@ class ServerFactory:
         self.args = args
         self.procs = procs
         self.sink: SmtpSink | None = None
+        self.redis: RedisServer | None = None
 
     def build(self, name: str) -> Reference:
         if name == "smtp-sink":
@@ -139,7 +151,21 @@ class ServerFactory:
         if name == "relay-pg":
             return RelayServer(self.procs, role="smtp", postgres_admin_url=self.args.postgres,
                                relay_bin=self.args.relay_bin, label="relay-pg", loop=self.args.loop)
+        if name == "relay-mp":
+            return RelayServer(self.procs, role="smtp", relay_bin=self.args.relay_bin, label="relay-mp",
+                               loop=self.args.loop, smtp_workers=self.args.smtp_workers, redis_url=self._redis_url())
+        if name == "relay-pg-mp":
+            return RelayServer(self.procs, role="smtp", postgres_admin_url=self.args.postgres,
+                               relay_bin=self.args.relay_bin, label="relay-pg-mp", loop=self.args.loop,
+                               smtp_workers=self.args.smtp_workers, redis_url=self._redis_url())
         raise ValueError(name)
+
+    def _redis_url(self) -> str:
+        """One throwaway redis-server for the whole run (each relay run gets its own key prefix)."""
+        if self.redis is None:
+            self.redis = RedisServer(self.procs)
+            self.redis.start()
+        return self.redis.url
 
     def _sink_port(self) -> int:
         if self.sink is None:
@@ -151,6 +177,9 @@ class ServerFactory:
         if self.sink is not None:
             self.sink.stop()
             self.sink.remove_workdir()
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis.remove_workdir()
 
 
 def measure(args: argparse.Namespace, servers: list[str], factory: ServerFactory, findings: Findings,
@@ -305,6 +334,8 @@ def _server_label(name: str, args: argparse.Namespace) -> str:
         "postfix": f"Postfix ({'queue held' if args.postfix_mode == 'hold' else 'queue + relay to sink'}, fsync)",
         "relay": "relay (SQLite, role smtp)",
         "relay-pg": "relay (Postgres, role smtp)",
+        "relay-mp": f"relay (SQLite, role smtp, smtp_workers = {args.smtp_workers})",
+        "relay-pg-mp": f"relay (Postgres, role smtp, smtp_workers = {args.smtp_workers})",
     }[name]
 
 
