@@ -15,12 +15,15 @@ import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from relay.log import configure_logging
 from relay.settings import PLACEHOLDER_SECRET, ConfigError, Settings, load_settings, placeholder_secrets
 from relay.smtp.auth import hash_password
 from relay.store.base import QueueStore, StoreError, UnknownUser, User, UserExists
+
+if TYPE_CHECKING:
+    from relay.app import Relay
 
 
 def register(subparsers: Any) -> None:
@@ -54,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role:
         settings = settings.model_copy(update={"server": settings.server.model_copy(update={"role": args.role})})
     configure_logging(settings.log.level, settings.log.format)
-    from relay.app import Relay, StartupError
+    from relay.app import Relay
     from relay.reload import pid_file_path, reload_status_path, remove_pid_file, write_pid_file
 
     if args.smtp_worker is not None:
@@ -63,11 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     async def main() -> int:
         from relay.workers import launch_command
         relay = Relay(settings, config_path=path, worker_command=launch_command())
-        try:
-            await relay.start()
-        except (StartupError, ConfigError) as exc:
-            print(f"relay: {exc}", file=sys.stderr)
-            await relay.stop(grace=0)
+        if not await _started(relay, "relay"):
             return 1
         # Written once the relay serves, so `relay reload` never signals a relay still starting up.
         pid_file = pid_file_path(settings)
@@ -88,7 +87,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _serve_as_worker(settings: Settings, path: Path | None, number: int) -> int:
     """An SMTP worker process (relay/workers.py): no pid file, no HTTP, dies with its supervisor."""
-    from relay.app import Relay, StartupError
+    from relay.app import Relay
     from relay.log import set_process_fields
     from relay.workers import die_with_supervisor, worker_overrides
 
@@ -97,16 +96,24 @@ def _serve_as_worker(settings: Settings, path: Path | None, number: int) -> int:
 
     async def main() -> int:
         relay = Relay(settings, config_path=path, worker=number, overrides=worker_overrides())
-        try:
-            await relay.start()
-        except (StartupError, ConfigError) as exc:
-            print(f"relay: smtp worker {number}: {exc}", file=sys.stderr)
-            await relay.stop(grace=0)
+        if not await _started(relay, f"relay: smtp worker {number}"):
             return 1
         await relay.run_until_signalled()
         return 0
 
     return _run(main())
+
+
+async def _started(relay: Relay, who: str) -> bool:
+    """Start ``relay``; on a start-up error say why in one line (prefixed ``who``), undo, and say False."""
+    from relay.app import StartupError
+    try:
+        await relay.start()
+    except (StartupError, ConfigError) as exc:
+        print(f"{who}: {exc}", file=sys.stderr)
+        await relay.stop(grace=0)
+        return False
+    return True
 
 
 def _run(coro: Awaitable[int]) -> int:

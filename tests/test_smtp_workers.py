@@ -9,11 +9,13 @@ more than one worker without Redis is refused; per-process connection limits are
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sqlite3
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -107,54 +109,55 @@ def gone(pid: int, timeout: float) -> bool:
     return False
 
 
-async def test_workers_share_the_listener_and_every_accepted_message_is_stored(
-        config: ConfigFile, redis_url: str, key_prefix: str) -> None:
-    write_config(config, redis_url, key_prefix, workers=3)
+@contextlib.asynccontextmanager
+async def supervisor(config: ConfigFile, redis_url: str, key_prefix: str,
+                     workers: int = 2) -> AsyncIterator[RelayProcess]:
+    """``relay serve`` with ``workers`` SMTP processes, every one of them started; killed at the end."""
+    write_config(config, redis_url, key_prefix, workers)
     relay = RelayProcess(config.path, pid_file=config.dir / "relay.pid")
     try:
         await asyncio.to_thread(relay.wait_ready)
+        await asyncio.to_thread(wait_events, relay, "relay_started", workers)
+        yield relay
+    finally:
+        relay.kill()
+
+
+async def stop_gracefully(relay: RelayProcess) -> None:
+    relay.signal(signal.SIGTERM)
+    assert await asyncio.to_thread(relay.wait) == 0
+
+
+async def test_workers_share_the_listener_and_every_accepted_message_is_stored(
+        config: ConfigFile, redis_url: str, key_prefix: str) -> None:
+    async with supervisor(config, redis_url, key_prefix, workers=3) as relay:
         pids = worker_pids(relay)
         assert len(pids) == 2 and relay.pid not in pids
-        await asyncio.to_thread(wait_events, relay, "relay_started", 3)
         accepted = await submit(listener_port(relay), 90, "share")
         assert len(set(accepted)) == 90
         assert stored_ids(config) == set(accepted)        # 250 means committed, whichever process said it
         # 90 connections spread by the kernel over three sockets: all three served (the chance that one
         # got none is about 3 * (2/3)^90).
         assert served_by(relay) == {None, 2, 3}
-        relay.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(relay.wait) == 0
-    finally:
-        relay.kill()
+        await stop_gracefully(relay)
     assert all(gone(pid, 10) for pid in pids)
     assert "smtp_workers_stopped" in relay.event_names()
 
 
 async def test_sighup_reloads_every_worker(config: ConfigFile, redis_url: str, key_prefix: str) -> None:
-    write_config(config, redis_url, key_prefix)
-    relay = RelayProcess(config.path, pid_file=config.dir / "relay.pid")
-    try:
-        await asyncio.to_thread(relay.wait_ready)
-        await asyncio.to_thread(wait_events, relay, "relay_started", 2)
+    async with supervisor(config, redis_url, key_prefix) as relay:
         relay.signal(signal.SIGHUP)
         applied = await asyncio.to_thread(wait_events, relay, "reload_applied", 2)
         assert {entry.get("worker") for entry in applied} == {None, 2}
         assert not [e for e in relay.events if e.get("event") == "reload_needs_restart"]   # same file
-        relay.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(relay.wait) == 0
-    finally:
-        relay.kill()
+        await stop_gracefully(relay)
 
 
 async def test_a_killed_worker_is_restarted_and_the_listener_keeps_accepting(
         config: ConfigFile, redis_url: str, key_prefix: str) -> None:
-    write_config(config, redis_url, key_prefix)
-    relay = RelayProcess(config.path, pid_file=config.dir / "relay.pid")
-    try:
-        await asyncio.to_thread(relay.wait_ready)
+    async with supervisor(config, redis_url, key_prefix) as relay:
         [worker] = worker_pids(relay)
         port = listener_port(relay)
-        await asyncio.to_thread(wait_events, relay, "relay_started", 2)
         os.kill(worker, signal.SIGKILL)
         exited = await asyncio.to_thread(relay.wait_event, "smtp_worker_exited")
         assert exited["worker"] == 2 and exited["exit_code"] == -signal.SIGKILL
@@ -167,31 +170,25 @@ async def test_a_killed_worker_is_restarted_and_the_listener_keeps_accepting(
         after = await submit(port, 60, "after")
         assert stored_ids(config) == set(during) | set(after)
         assert 2 in {e.get("worker") for e in relay.events[mark:] if e.get("event") == "queued"}
-        relay.signal(signal.SIGTERM)
-        assert await asyncio.to_thread(relay.wait) == 0
-    finally:
-        relay.kill()
+        await stop_gracefully(relay)
     assert gone(int(restarted["pid"]), 10)
 
 
 async def test_a_worker_stops_when_its_supervisor_is_killed(
         config: ConfigFile, redis_url: str, key_prefix: str) -> None:
-    write_config(config, redis_url, key_prefix)
-    relay = RelayProcess(config.path, pid_file=config.dir / "relay.pid")
+    worker = 0
     try:
-        await asyncio.to_thread(relay.wait_ready)
-        [worker] = worker_pids(relay)
-        await asyncio.to_thread(wait_events, relay, "relay_started", 2)
-        relay.process.send_signal(signal.SIGKILL)
-        relay.process.wait(30)
-        # PR_SET_PDEATHSIG turns the supervisor's death into SIGTERM: a graceful stop, well within 10 s.
-        assert gone(worker, 10)
-        stopped = await asyncio.to_thread(relay.wait_event, "relay_stopped", 10)
-        assert stopped.get("worker") == 2
+        async with supervisor(config, redis_url, key_prefix) as relay:
+            [worker] = worker_pids(relay)
+            relay.process.send_signal(signal.SIGKILL)
+            relay.process.wait(30)
+            # PR_SET_PDEATHSIG turns the supervisor's death into SIGTERM: a graceful stop, well within 10 s.
+            assert gone(worker, 10)
+            stopped = await asyncio.to_thread(relay.wait_event, "relay_stopped", 10)
+            assert stopped.get("worker") == 2
     finally:
-        if not gone(worker, 0):
+        if worker and not gone(worker, 0):
             os.kill(worker, signal.SIGKILL)
-        relay.kill()
 
 
 def test_more_than_one_worker_needs_redis() -> None:
