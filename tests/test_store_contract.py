@@ -173,6 +173,20 @@ async def test_concurrent_enqueues_share_commits(open_stores: OpenStore) -> None
     assert store.stats.batches < 200  # several messages per transaction
 
 
+async def test_a_batch_wider_than_one_insert_statement_stores_every_row(open_stores: OpenStore) -> None:
+    # SQLite writes a batch with multi-row INSERTs of at most 200 rows: 250 messages with 1-3 recipients in
+    # one batch need several statements per table, and every row must land once.
+    store = await open_stores(commit_batch_wait_ms=300, commit_batch_max=256)
+    assert isinstance(store, SqliteStore | PostgresStore)
+    messages = [message(rcpts=tuple(f"r{i}-{n}@d{n}.example" for n in range(1 + i % 3))) for i in range(250)]
+    await asyncio.gather(*(store.enqueue(m) for m in messages))
+    assert store.stats.batches <= 2      # one transaction (two if the window closed early)
+    for msg in messages:
+        assert await store.message_data(msg.id) == msg.data
+        assert [r.address for r in await store.recipients_of(msg.id)] == [r.address for r in msg.recipients]
+    assert (await store.count_by_state())["queued"] == sum(len(m.recipients) for m in messages)
+
+
 async def test_big_messages_split_batches(open_stores: OpenStore) -> None:
     store = await open_stores(commit_batch_wait_ms=500)
     assert isinstance(store, SqliteStore | PostgresStore)
