@@ -17,9 +17,11 @@ passwords, AUTH payloads or keys.
 
 from __future__ import annotations
 
+import datetime
 import functools
 import logging
 import sys
+import time
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from typing import Any
@@ -59,6 +61,28 @@ def _add_process_fields(_logger: Any, _name: str, event: MutableMapping[str, Any
     return event
 
 
+class _UtcStamper:
+    """``timestamp``: ISO 8601 UTC with microseconds (``2026-11-23T19:47:10.369525Z``), as structlog's
+    ``TimeStamper(fmt="iso", utc=True)`` writes it, but with the date and time of the current second
+    formatted once per second instead of on every line (two lines per message on the accept path).
+    Thread-safe: the (second, text) pair is replaced as one tuple."""
+
+    def __init__(self) -> None:
+        self._cached: tuple[int, str] = (-1, "")
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
+        now = time.time()
+        second, text = self._cached
+        if int(now) != second:
+            second = int(now)
+            text = datetime.datetime.fromtimestamp(second, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+            self._cached = (second, text)
+        # Rounded to the nearest microsecond as datetime does; a value that rounds up to the next second stays
+        # in this one (the text of the next second is not made here).
+        event["timestamp"] = f"{text}.{min(round((now - second) * 1_000_000), 999_999):06d}Z"
+        return event
+
+
 def _foreign_logger_name(_logger: Any, _name: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     record = event.get("_record")
     if record is not None:
@@ -79,7 +103,7 @@ def _route_stdlib_logging(out: Any, renderer: Any) -> None:
             structlog.stdlib.add_log_level,
             _foreign_logger_name,
             _add_process_fields,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _UtcStamper(),
         ],
         processors=[
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
@@ -108,7 +132,7 @@ def configure_logging(level: str = "info", fmt: str = "auto", stream: Any = None
             structlog.contextvars.merge_contextvars,
             _add_process_fields,
             structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _UtcStamper(),
             _redact_secrets,
             structlog.processors.format_exc_info,
             renderer,
