@@ -4,6 +4,7 @@ per-recipient replies, connection reuse, and every kind of misbehaving peer cont
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -12,6 +13,8 @@ from typing import Any
 
 import pytest
 import trustme
+from hypothesis import given
+from hypothesis import strategies as st
 from relay.policies.bounce import Reply
 from relay.policies.routing import TlsMode
 
@@ -24,6 +27,7 @@ from relay.delivery.client import (
     Target,
     TlsContexts,
     TlsFallbackMemory,
+    _dot_stuffed,
 )
 from relay.delivery.config import TimeoutSettings
 from relay.sink import SinkConfig, SinkServer
@@ -511,3 +515,33 @@ async def test_refused_credentials_are_a_temporary_failure(relays: RelayFactory,
     assert result.reply is None  # not classified from the 535: our credentials are not the recipient's fault
     assert "535" in result.detail
     assert (await running.store.count_by_state()).get("queued", 0) == 0
+
+
+# -- dot-stuffing (pure) ------------------------------------------------------------------------------------
+
+def _reference_dot_stuffed(data: bytes) -> bytes:
+    """The definition, written the slow and obvious way: normalise every line end to CRLF, double every
+    leading dot, end with CRLF . CRLF."""
+    body = re.sub(rb"\r\n|\r|\n", b"\r\n", data)
+    body = re.sub(rb"(?m)^\.", b"..", body)
+    return body + (b"" if body.endswith(b"\r\n") else b"\r\n") + b".\r\n"
+
+
+@given(st.lists(st.sampled_from([b".", b"..", b"x", b"\r\n", b"\r", b"\n", b"\r\n.", b" ", b"\xff", b"\x00"]),
+                max_size=60).map(b"".join))
+def test_dot_stuffing_matches_its_definition(data: bytes) -> None:
+    stuffed = _dot_stuffed(data)
+    assert stuffed == _reference_dot_stuffed(data)
+    # What goes on the wire ends DATA exactly once: after the CRLF that ends "354 ...", the first
+    # CRLF . CRLF is the terminator.
+    assert (b"\r\n" + stuffed).find(b"\r\n.\r\n") == len(stuffed) - 3
+
+
+@pytest.mark.parametrize(("data", "wire"), [
+    (b".\r\n", b"..\r\n.\r\n"),
+    (b"a\r\n.\r\nb\r\n", b"a\r\n..\r\nb\r\n.\r\n"),
+    (b"a\n.b", b"a\r\n..b\r\n.\r\n"),           # a bare LF (generated mail) is normalised first
+    (b"", b"\r\n.\r\n"),
+])
+def test_dot_stuffing_examples(data: bytes, wire: bytes) -> None:
+    assert _dot_stuffed(data) == wire

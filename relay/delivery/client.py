@@ -63,7 +63,6 @@ Stage = Literal["connect", "greeting", "ehlo", "starttls", "auth", "rset", "mail
 SESSION_STAGES: frozenset[str] = frozenset({"connect", "greeting", "ehlo", "starttls", "auth", "rset"})
 
 _LINE_ENDINGS = re.compile(rb"\r\n|\r|\n")
-_LEADING_DOT = re.compile(rb"(?m)^\.")
 _SIZE_PARAM = re.compile(r"^\d+$")
 # A mailbox must not smuggle a command separator or control character onto the wire.
 _UNSAFE_ADDRESS = re.compile(r"[\x00-\x1f\x7f<>]")
@@ -742,9 +741,17 @@ def _command(verb: str, address: str, params: list[str], utf8: bool) -> bytes:
 
 
 def _dot_stuffed(data: bytes) -> bytes:
-    """CRLF line endings throughout, leading dots doubled (RFC 5321 4.5.2), then the final dot."""
-    body = _LINE_ENDINGS.sub(b"\r\n", data)
-    body = _LEADING_DOT.sub(b"..", body)
+    """CRLF line endings throughout, leading dots doubled (RFC 5321 4.5.2), then the final dot.
+
+    Queued mail is CRLF already (the accept path refuses bare CR/LF), so the regex rewrite of line ends —
+    ~50 µs for 10 KB, a quarter of a delivery's Python time — runs only when a bare CR or LF is there.
+    With CRLF throughout, every line start but the first follows a CRLF: the dots are doubled with
+    ``bytes.replace``."""
+    crlf = data.count(b"\r\n")
+    body = data if data.count(b"\r") == crlf == data.count(b"\n") else _LINE_ENDINGS.sub(b"\r\n", data)
+    body = body.replace(b"\r\n.", b"\r\n..")
+    if body.startswith(b"."):
+        body = b"." + body
     if not body.endswith(b"\r\n"):
         body += b"\r\n"
     return body + b".\r\n"
