@@ -8,8 +8,10 @@ import email
 import smtplib
 import ssl
 
+import bcrypt
 import pytest
 
+from relay.smtp import auth
 from relay.store.base import RecipientState
 from tests.support.relayfx import RelayFactory, RunningRelay
 from tests.support.smtpclient import RawClient
@@ -244,6 +246,14 @@ async def test_failed_auth_is_indistinguishable(relays: RelayFactory, case: str)
     assert (reply.code, reply.text) == (535, "5.7.8 Authentication credentials invalid")
     assert (await client.cmd("MAIL FROM:<a@example.com>")).code == 530
     await client.close()
+
+
+async def test_an_unknown_user_costs_the_same_bcrypt_work_as_a_known_one() -> None:
+    # The stand-in hash is a real bcrypt hash of the same cost as users' hashes, and matches nothing.
+    assert auth._DUMMY_HASH.startswith(f"$2b${auth.BCRYPT_ROUNDS:02d}$".encode())
+    assert bcrypt.checkpw(b"x", auth._DUMMY_HASH) is False
+    assert auth.hash_password("pw-of-a-user").startswith(f"$2b${auth.BCRYPT_ROUNDS:02d}$")
+    assert await auth.check_password("anything", None) is False
 
 
 async def test_lockout_after_repeated_failures(relays: RelayFactory) -> None:
