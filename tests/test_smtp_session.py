@@ -12,7 +12,7 @@ import bcrypt
 import pytest
 
 from relay.smtp import auth
-from relay.store.base import RecipientState
+from relay.store.base import RecipientState, StoreOutcomeUnknown
 from tests.support.relayfx import RelayFactory, RunningRelay
 from tests.support.smtpclient import RawClient
 
@@ -103,6 +103,24 @@ async def test_queue_write_failure_answers_451_and_stores_nothing(relays: RelayF
     await running.store.close()          # the store is gone: every commit fails
     reply = await client.mail("a@example.com", ["b@example.org"], BODY)
     assert reply.code == 451 and reply.enhanced == "4.3.0"
+    await client.close()
+
+
+async def test_a_commit_of_unknown_outcome_answers_451_saying_so(relays: RelayFactory,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The Postgres store raises StoreOutcomeUnknown when the connection dies during COMMIT (exercised for
+    # real by tests/reliability/test_faults.py's Postgres restart): never 250, and the reply says why.
+    running = await relays.start()
+
+    async def lost_during_commit(message: object) -> None:
+        raise StoreOutcomeUnknown("connection lost during COMMIT (test)")
+
+    monkeypatch.setattr(running.store, "enqueue", lost_during_commit)
+    client = await connect(running)
+    await client.ehlo()
+    reply = await client.mail("a@example.com", ["b@example.org"], BODY)
+    assert (reply.code, reply.text) == (451, "4.3.0 Queue write interrupted, outcome unknown; try again later")
+    assert (await client.cmd("NOOP")).code == 250          # the session goes on
     await client.close()
 
 

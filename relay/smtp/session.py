@@ -58,7 +58,7 @@ from relay.plugin import (
 from relay.smtp.address import AddressError, Path, decode_xtext, parse_path
 from relay.smtp.auth import AuthStatus
 from relay.smtp.data import DataOutcome, DataReader
-from relay.store.base import NewMessage, NewRecipient, StoreError
+from relay.store.base import NewMessage, NewRecipient, StoreError, StoreOutcomeUnknown
 from relay.transports import stream_transport
 
 if TYPE_CHECKING:
@@ -729,6 +729,11 @@ class RelaySession(SMTP):
         commit_started = time.monotonic()
         try:
             await self.rt.store.enqueue(message)
+        except StoreOutcomeUnknown as exc:
+            # Never 250 for what we cannot vouch for; say so, the client's retry may make a duplicate.
+            log.error("queue_write_outcome_unknown", queue_id=queue_id, error=str(exc))
+            await self.push("451 4.3.0 Queue write interrupted, outcome unknown; try again later")
+            return
         except StoreError as exc:
             log.error("queue_write_failed", queue_id=queue_id, error=str(exc))
             await self.push("451 4.3.0 Temporary failure writing the queue, try again later")

@@ -39,6 +39,12 @@ class StoreError(Exception):
     """The store could not complete an operation; the caller answers with a temporary failure."""
 
 
+class StoreOutcomeUnknown(StoreError):
+    """The connection to the database was lost while a COMMIT was under way: the write may or may not be
+    durable, and nobody can tell until the database is back. The caller still answers with a temporary
+    failure (never 250 for what it cannot vouch for), saying that the outcome is unknown."""
+
+
 class UserExists(StoreError):
     """``add_user`` for a name that is already taken."""
 

@@ -61,6 +61,7 @@ from relay.store.base import (
     ShapeCount,
     StoredMessage,
     StoreError,
+    StoreOutcomeUnknown,
     Suppression,
     UnknownUser,
     User,
@@ -485,15 +486,32 @@ class PostgresStore(PostgresEventsMixin, QueueStore):
             raise StoreError(f"queue database error: {type(exc).__name__}") from exc
 
     async def _insert_committed(self, messages: Sequence[NewMessage]) -> None:
-        async with self._connection() as conn:
-            try:
-                async with conn.transaction():
-                    await insert_messages(conn, messages, time.time())
-                    await conn.execute(_NOTIFY)  # delivered to listeners at COMMIT, once per transaction
-            except _DATABASE_ERRORS as exc:
-                if _is_data_error(exc):
-                    raise _BatchRejected(str(exc)) from exc
-                raise
+        """Insert and commit; raises _BatchRejected (the data), StoreError (nothing was committed) or
+        StoreOutcomeUnknown (the connection died while COMMIT was under way).
+
+        A failure *after* COMMIT returned — handing a connection that the server is closing back to the
+        pool — is not a failed enqueue: the rows are durable, and answering 451 for them would have the
+        client send them again (a restart of Postgres under load showed exactly that)."""
+        stage = "writing"
+        try:
+            async with self._connection() as conn:
+                try:
+                    async with conn.transaction():
+                        await insert_messages(conn, messages, time.time())
+                        await conn.execute(_NOTIFY)  # delivered to listeners at COMMIT, once per transaction
+                        stage = "committing"
+                    stage = "committed"
+                except _DATABASE_ERRORS as exc:
+                    if _is_data_error(exc):
+                        raise _BatchRejected(str(exc)) from exc
+                    raise
+        except StoreError as exc:
+            if stage == "committed":
+                log.warning("store_connection_lost_after_commit", messages=len(messages), error=str(exc))
+                return
+            if stage == "committing":
+                raise StoreOutcomeUnknown(f"connection lost during COMMIT ({exc})") from exc
+            raise
 
     async def _commit_batch(self, batch: list[_Pending]) -> None:
         try:

@@ -300,6 +300,9 @@ class RelayProcess:
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.proc.pid, signal.SIGKILL)
         self.proc.wait(timeout=30)
+        # Its log file too: left to the garbage collector, it was closed with a ResourceWarning in
+        # whichever later test happened to trigger a collection (and failed that test).
+        self._close_log()
 
     async def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM by PID (a graceful stop) and wait; SIGKILL if it does not end in time."""
