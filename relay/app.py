@@ -56,7 +56,7 @@ from relay.stats import StatsService
 from relay.store import open_store
 from relay.store.base import QueueStore, StoreError
 from relay.webhooks import WebhookService
-from relay.workers import WorkerPool, supervisor_pid, watch_supervisor
+from relay.workers import SUPERVISOR_GONE, WorkerPool, supervisor_pid, watch_supervisor
 
 log = get_logger(__name__)
 
@@ -96,6 +96,9 @@ class Relay:
         self._stopping = False
         self._signal_tasks: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
+        # Set by the first SIGTERM/SIGINT or by request_stop(): run_until_signalled then stops gracefully.
+        self._stop_requested = asyncio.Event()
+        self.stop_signals = 0   # SIGTERM/SIGINT received; the second one exits at once
 
     @property
     def chain(self) -> Chain | None:
@@ -147,8 +150,7 @@ class Relay:
         count = self.settings.server.smtp_workers
         if self.worker is not None:
             task = asyncio.get_running_loop().create_task(
-                watch_supervisor(supervisor_pid(), lambda: os.kill(os.getpid(), signal.SIGTERM)),
-                name="watch-supervisor")
+                watch_supervisor(supervisor_pid(), self.request_stop), name="watch-supervisor")
             self._signal_tasks.add(task)
             task.add_done_callback(self._signal_tasks.discard)
         elif count > 1:
@@ -289,15 +291,28 @@ class Relay:
         """Serve until SIGTERM/SIGINT (then stop gracefully; a second one exits at once with status 1);
         SIGHUP reloads the configuration."""
         loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, _on_stop_signal, stop_requested, sig)
+                loop.add_signal_handler(sig, _on_stop_signal, self, sig)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
-        await stop_requested.wait()
+        if self.worker is not None:   # an SMTP worker: its supervisor's death (see relay.workers)
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(SUPERVISOR_GONE, self._on_supervisor_gone)
+        await self._stop_requested.wait()
         log.info("shutdown_requested", grace=self.settings.server.shutdown_grace)
         await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask run_until_signalled for the graceful stop a first SIGTERM asks for. Idempotent, and never the
+        forced exit of a second signal: an SMTP worker calls it when its supervisor is gone, which its
+        parent check and the kernel's death signal (possibly several) both report — one stop."""
+        self._stop_requested.set()
+
+    def _on_supervisor_gone(self) -> None:
+        if not self._stop_requested.is_set():
+            log.warning("smtp_worker_orphaned", reason="the supervisor died")
+        self.request_stop()
 
     def _on_hangup(self) -> None:
         if self._stopping:
@@ -322,9 +337,12 @@ def _event_settings(settings: Settings) -> tuple[object, ...]:
     return settings.events, settings.webhooks, settings.stats, settings.alerts
 
 
-def _on_stop_signal(event: asyncio.Event, sig: signal.Signals) -> None:
-    if not event.is_set():
-        event.set()
+def _on_stop_signal(relay: Relay, sig: signal.Signals) -> None:
+    # Signals are counted, not stop requests: request_stop() (a worker whose supervisor is gone) before an
+    # operator's SIGTERM still leaves that SIGTERM the graceful one.
+    relay.stop_signals += 1
+    if relay.stop_signals == 1:
+        relay.request_stop()
         return
     # The second signal: the operator wants out now. Everything answered 250 is committed already;
     # claims still leased lapse after lease_seconds and are delivered by whoever runs next.

@@ -15,8 +15,10 @@ Invariants:
   :class:`relay.settings.Settings`); connection counts kept per process enforce ``limit // N``.
 - A worker that exits while the supervisor runs is restarted, after 1 s doubling to 30 s while it keeps
   dying within a minute of its start (a broken worker never spins).
-- A worker never outlives its supervisor: it asks the kernel for SIGTERM when the supervisor dies
-  (``PR_SET_PDEATHSIG``) and also checks its parent every second, then stops gracefully like any relay.
+- A worker never outlives its supervisor: it asks the kernel for :data:`SUPERVISOR_GONE` (SIGUSR2) when
+  the supervisor dies (``PR_SET_PDEATHSIG``) and also checks its parent every second; either asks for
+  one graceful stop. Not SIGTERM: the kernel may send the death signal more than once (once per thread
+  of the dying supervisor that the worker gets re-parented to), and a second SIGTERM means "exit now".
 - Signals: SIGHUP on the supervisor is forwarded (every worker re-reads the file itself); at SIGTERM or
   SIGINT the supervisor forwards SIGTERM, drains its own sessions meanwhile and waits for the workers
   (their own ``shutdown_grace``, plus a margin) before it exits; a worker still there then is killed.
@@ -54,6 +56,8 @@ STABLE_AFTER = 60.0
 #: Beyond a worker's own shutdown_grace, how long the supervisor waits before it kills it.
 STOP_MARGIN = 10.0
 _PR_SET_PDEATHSIG = 1
+#: The signal a worker gets when its supervisor dies; handled as "stop gracefully", however often it comes.
+SUPERVISOR_GONE = signal.SIGUSR2
 
 
 class WorkerPool:
@@ -180,10 +184,11 @@ def worker_overrides() -> Callable[[Settings], Settings]:
 
 
 def die_with_supervisor() -> None:
-    """Ask the kernel for SIGTERM when the parent dies (Linux); a no-op elsewhere (the watch still runs)."""
+    """Ask the kernel for SUPERVISOR_GONE when the parent dies (Linux); a no-op elsewhere (the parent
+    check still runs)."""
     with contextlib.suppress(OSError, AttributeError):
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, int(SUPERVISOR_GONE), 0, 0, 0)
 
 
 def supervisor_pid() -> int | None:
