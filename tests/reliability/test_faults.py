@@ -242,7 +242,8 @@ async def test_postgres_restart_under_load_451_then_recovery_without_restart(tmp
         finally:
             if relay.proc is not None and relay.proc.poll() is None:
                 relay.kill()
-    outage = frozenset({"store_operation_failed", "queue_write_failed", "delivery_loop_error", "enqueue_failed",
+    outage = frozenset({"store_operation_failed", "queue_write_failed", "queue_write_outcome_unknown",
+                        "delivery_loop_error", "enqueue_failed",
                         "delivery_record_failed", "delivery_new_mail_watch_error", "new_mail_listener_lost",
                         "delivery_heartbeat_failed", "lease_renewal_failed", "delivery_release_failed",
                         "webhook_dispatch_failed",
