@@ -56,6 +56,8 @@ STABLE_AFTER = 60.0
 #: Beyond a worker's own shutdown_grace, how long the supervisor waits before it kills it.
 STOP_MARGIN = 10.0
 _PR_SET_PDEATHSIG = 1
+#: How to start ``relay`` when the way this process was started is not known: the installed package.
+_PACKAGE_COMMAND = (sys.executable, "-m", "relay.cli")
 #: The signal a worker gets when its supervisor dies; handled as "stop gracefully", however often it comes.
 SUPERVISOR_GONE = signal.SIGUSR2
 
@@ -67,7 +69,7 @@ class WorkerPool:
                  command: list[str] | None = None) -> None:
         self.count = count
         # How to start ``relay`` the way this process was started (see launch_command).
-        self.command = command or [sys.executable, "-m", "relay.cli"]
+        self.command = command or list(_PACKAGE_COMMAND)
         self.config_path = config_path
         self.addresses = addresses
         self.grace = grace
@@ -158,7 +160,7 @@ def launch_command() -> list[str]:
     arguments = len(sys.argv) - 1
     original = list(getattr(sys, "orig_argv", []))
     if arguments < 0 or len(original) <= arguments or original[len(original) - arguments:] != sys.argv[1:]:
-        return [sys.executable, "-m", "relay.cli"]
+        return list(_PACKAGE_COMMAND)
     return original[:len(original) - arguments]
 
 

@@ -66,6 +66,9 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# A rate rule before its key is built: (key parts, count, period); count 0 means the rule is off.
+_RuleSpec = tuple[tuple[str, ...], int, float]
+
 MAX_HOPS = 50
 _READ_SIZE = 65536
 _TOO_LONG = object()
@@ -771,30 +774,29 @@ class RelaySession(SMTP):
     # -- limits ---------------------------------------------------------------------------------
     async def _message_rate_refusal(self, *, peek: bool) -> str | None:
         """Message limits per IP and per user (including the user's own quotas)."""
-        rules = self._message_rules()
-        return await self.rt.check_limits(rules, peek=peek) if rules else None
-
-    def _message_rules(self) -> list[tuple[str, int, float]]:
         limits = self.cfg.settings.limits
-        # (key parts, count, period); keys are built only for the rules that are on (count > 0).
-        wanted: list[tuple[tuple[str, ...], int, float]] = [
+        wanted: list[_RuleSpec] = [
             (("msg", "ip", self._client_ip), limits.messages_per_ip.count, limits.messages_per_ip.period)]
         if self._auth_user is not None:
             user = self._auth_user
             wanted.append((("msg", "user", user), limits.messages_per_user.count, limits.messages_per_user.period))
             wanted.append((("quota", "minute", user), self._quota[0], 60.0))
             wanted.append((("quota", "day", user), self._quota[1], 86400.0))
-        return [(limit_key(*parts), count, period) for parts, count, period in wanted if count > 0]
+        return await self._limit_refusal(wanted, peek=peek)
 
     async def _recipient_rate_refusal(self) -> str | None:
         limits = self.cfg.settings.limits
-        wanted: list[tuple[tuple[str, ...], int, float]] = [
+        wanted: list[_RuleSpec] = [
             (("rcpt", "ip", self._client_ip), limits.recipients_per_ip.count, limits.recipients_per_ip.period)]
         if self._auth_user is not None:
             wanted.append((("rcpt", "user", self._auth_user), limits.recipients_per_user.count,
                            limits.recipients_per_user.period))
+        return await self._limit_refusal(wanted, peek=False)
+
+    async def _limit_refusal(self, wanted: list[_RuleSpec], *, peek: bool) -> str | None:
+        """Apply the rules that are on (count > 0); their keys are built, and the limiter asked, only then."""
         rules = [(limit_key(*parts), count, period) for parts, count, period in wanted if count > 0]
-        return await self.rt.check_limits(rules, peek=False) if rules else None
+        return await self.rt.check_limits(rules, peek=peek) if rules else None
 
     # -- chain ----------------------------------------------------------------------------------
     def _session_info(self) -> SessionInfo:

@@ -379,10 +379,6 @@ _INSERT_ATTEMPT = (f"INSERT INTO attempts ({', '.join(rows.ATTEMPT_COLUMNS)}) "
                    f"VALUES ({', '.join('?' * len(rows.ATTEMPT_COLUMNS))})")
 
 
-def insert_message(conn: sqlite3.Connection, message: NewMessage, now: float) -> None:
-    insert_messages(conn, [message], now)
-
-
 def insert_messages(conn: sqlite3.Connection, messages: Sequence[NewMessage], now: float) -> None:
     """The messages, their recipients and their "queued" events (the outbox's events commit with the
     message: accepted mail always has them), a few statements per batch rather than three per message.
@@ -417,7 +413,7 @@ def _multi_row_insert(table: str, columns: tuple[str, ...], count: int, suffix: 
 
 
 def _inserter(message: NewMessage) -> Callable[[sqlite3.Connection], None]:
-    return lambda conn: insert_message(conn, message, time.time())
+    return lambda conn: insert_messages(conn, [message], time.time())
 
 
 def _claims_by_id(conn: sqlite3.Connection, ids: list[int], lease_until: float) -> list[Claim]:
@@ -504,7 +500,7 @@ def _record_results(conn: sqlite3.Connection, results: Sequence[RecipientResult]
         if result.events:  # the state change's events, in its transaction (an outbox)
             conn.executemany(_INSERT_EVENT, [lists.event_values(event) for event in result.events])
     for bounce in bounces:
-        insert_message(conn, bounce.message, now)
+        insert_messages(conn, [bounce.message], now)
 
 
 def _purge(conn: sqlite3.Connection, finished_before: float, history_before: float) -> int:

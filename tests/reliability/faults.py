@@ -39,6 +39,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from relay.policies.retry import RetrySchedule
+
 from relay.sink import SinkServer
 from tests.reliability.harness import (
     Outgoing,
@@ -248,7 +250,7 @@ def _epoch(iso: str) -> float:
 async def _submit_in_waves(port: int, traffic: list[Outgoing], plan: IsolationPlan) -> None:
     """Submit the fault mail in :data:`FAULT_WAVES` waves spread over one retry period; each fault's mail is
     dealt across the waves, so every wave holds mail for every fault."""
-    period = _retry_seconds(plan.retry)
+    period = RetrySchedule.parse(plan.retry).steps[0]   # the first retry delay
     waves: list[list[Outgoing]] = [[] for _ in range(FAULT_WAVES)]
     dealt: Counter[str] = Counter()
     for message in traffic:
@@ -259,13 +261,6 @@ async def _submit_in_waves(port: int, traffic: list[Outgoing], plan: IsolationPl
         if number:
             await asyncio.sleep(period / FAULT_WAVES)
         await submit_all(port, wave, plan.clients)
-
-
-def _retry_seconds(schedule: str) -> float:
-    """The first delay of a retry schedule such as ``"3s*"`` or ``"1s,5s,30s"``, in seconds."""
-    first = schedule.split(",")[0].strip().rstrip("*")
-    units = {"s": 1.0, "m": 60.0, "h": 3600.0}
-    return float(first[:-1]) * units[first[-1]] if first and first[-1] in units else float(first)
 
 
 class _Faults:
